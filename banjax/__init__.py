@@ -1,0 +1,1 @@
+"""banjax: Born Again Neural Networks in JAX/Flax NNX."""
