@@ -1,7 +1,6 @@
 """Training engine: optimiser, compile-once steps, exact resume, NaN stop, eval, bf16."""
 
 import dataclasses
-import functools
 import os
 import subprocess
 import sys
@@ -15,36 +14,14 @@ import pytest
 from flax import nnx
 
 from banjax import data, train
-
-
-class TinyNet(nnx.Module):
-    """Test-only CNN: conv stem, BatchNorm, dropout, linear head."""
-
-    def __init__(self, channels=1, classes=10, width=8, *, rngs, dtype=jnp.float32, dropout=0.0):
-        self.stem = nnx.Conv(channels, width, (3, 3), use_bias=False, rngs=rngs, dtype=dtype)
-        self.bn = nnx.BatchNorm(width, rngs=rngs, dtype=dtype)
-        self.drop = nnx.Dropout(dropout)
-        self.head = nnx.Linear(width, classes, rngs=rngs, dtype=dtype)
-
-    def __call__(self, x, *, rngs=None):
-        x = nnx.relu(self.bn(self.stem(x)))
-        x = self.drop(x.mean((1, 2)), rngs=rngs)
-        return self.head(x).astype(jnp.float32)
-
-
-@functools.cache
-def digits():
-    return data.load("digits")
+from tests.tiny import TinyNet, device_arrays, digits
 
 
 @pytest.fixture(scope="module")
 def setup():
     ds = digits()
     mesh = data.make_mesh()
-    arrays = data.device_put_dataset(ds, mesh)
-    arrays["mean"] = jnp.asarray(ds.mean)
-    arrays["std"] = jnp.asarray(ds.std)
-    return ds, mesh, arrays
+    return ds, mesh, device_arrays(ds, mesh)
 
 
 def make(seed=0, total=20, teacher="none", steps=1, dtype="float32", lr=0.1, dropout=0.0):
@@ -196,14 +173,14 @@ def test_data_parallel_on_8_devices_matches_1_device():
         import jax, numpy as np
         from tests.test_train import make, digits, leaves
         from banjax import data, train
+from tests.tiny import TinyNet, device_arrays, digits
         import jax.numpy as jnp
         assert jax.device_count() == 8
         ds = digits()
         out = []
         for devices in (jax.devices()[:1], jax.devices()):
             mesh = data.make_mesh(devices)
-            arrays = data.device_put_dataset(ds, mesh)
-            arrays["mean"], arrays["std"] = jnp.asarray(ds.mean), jnp.asarray(ds.std)
+            arrays = device_arrays(ds, mesh)
             graphdef, state, cfg = make(total=4)
             state = jax.device_put(state, data.replicated(mesh))
             out.append(train.fit(graphdef, state, cfg, arrays, mesh, total_steps=4))
