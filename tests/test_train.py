@@ -171,10 +171,9 @@ def test_bfloat16_compute_trains_with_float32_params_and_tracks_float32(setup):
 def test_data_parallel_on_8_devices_matches_1_device():
     code = textwrap.dedent("""
         import jax, numpy as np
-        from tests.test_train import make, digits, leaves
+        from tests.test_train import make, leaves
+        from tests.tiny import device_arrays, digits
         from banjax import data, train
-from tests.tiny import TinyNet, device_arrays, digits
-        import jax.numpy as jnp
         assert jax.device_count() == 8
         ds = digits()
         out = []
