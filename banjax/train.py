@@ -289,26 +289,36 @@ class Interrupted(Exception):
 
 
 class _SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop polls between dispatches."""
+    """Turns SIGTERM/SIGINT into a flag polled at safe points; reentrant (chain, then fit)."""
 
     def __init__(self):
         self.signum = None
+        self._depth = 0
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        if self._depth == 0:
+            self.signum = None
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread: signals stay as they are
+                    pass
+        self._depth += 1
         return self
 
     def _handle(self, signum, frame):
         self.signum = signum
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old = {}
+
+
+STOP = _SignalFlag()  # `with STOP as flag:` defers SIGTERM/SIGINT to the next safe point
 
 
 @jax.jit
@@ -350,7 +360,7 @@ def fit(graphdef, state: TrainState, cfg: StepConfig, arrays, mesh, *, total_ste
         if progress is not None:
             progress.update(at, {k: float(v) for k, v in metrics.items()}, cfg.batch)
 
-    with _SignalFlag() as flag:
+    with STOP as flag:
         while step < total_steps:
             fn = fused if total_steps - step >= cfg.steps else single
             state, metrics = fn(state, arrays, teacher)
