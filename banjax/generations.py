@@ -191,6 +191,7 @@ def run_generation(config, workdir: str, index: int, ds: data.Dataset, arrays, m
     seed = seed_for(config, index)
     model = _create(config, spec, ds, seed, teacher)
     num_params = models.param_count(model)
+    logging.info("gen %d: %s, %s parameters, seed %d", index, spec, f"{num_params:,}", seed)
     steps = total_steps(config, len(ds.train_labels))
     opt = train.opt_config(config, steps)
     graphdef, state = train.init_state(model, opt, seed)
@@ -260,6 +261,8 @@ def run_generation(config, workdir: str, index: int, ds: data.Dataset, arrays, m
                      scores["error"], scores["nll"], os.path.join(gen_dir, "checkpoints"),
                      int(state.step))
     if not os.path.exists(done_path):
+        with logs.MetricWriter(gen_dir) as writer:
+            writer.write(gen.step, {"error": gen.test_error, "nll": gen.test_nll}, prefix="test/")
         if config.teacher_signal == "bank" and index < config.num_generations and not bank.exists(
                 gen_dir):
             _build_bank(config, gen, ds, arrays, mesh, gen_dir)

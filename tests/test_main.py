@@ -51,8 +51,9 @@ def test_end_to_end_writes_the_three_report_files(finished):
     assert "Ens*2" in proc.stdout  # the table is printed at the end
     for g in range(3):
         assert os.path.exists(workdir / f"gen_{g}/done.json")
-        lines = (workdir / f"gen_{g}/metrics.jsonl").read_text().splitlines()
-        assert json.loads(lines[-1])["step"] == 60
+        records = [json.loads(x) for x in (workdir / f"gen_{g}/metrics.jsonl").read_text().splitlines()]
+        assert max(r["step"] for r in records if "train/loss" in r) == 60
+        assert [r["test/error"] for r in records if "test/error" in r] == [gens[g]["test_error"]]
 
 
 def test_rerun_of_a_finished_workdir_trains_nothing(finished):
