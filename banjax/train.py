@@ -191,10 +191,16 @@ def train_step_fn(graphdef, cfg: StepConfig, mesh, teacher_graphdef=None):
         if cfg.steps == 1:
             return body(state, arrays, teacher)
         state, metrics = jax.lax.scan(lambda s, _: body(s, arrays, teacher), state, None,
-                                      length=cfg.steps)
+                                      length=cfg.steps, unroll=_unroll(mesh, cfg.steps))
         return state, jax.tree.map(jnp.mean, metrics)
 
     return jax.jit(run, donate_argnums=(0,))
+
+
+def _unroll(mesh, steps: int) -> int:
+    """Fused steps fully unrolled on CPU: XLA:CPU puts convolutions in its fast-kernel layout only
+    outside loops, so a scanned step runs ~4.5x slower there (docs/performance.md)."""
+    return steps if mesh.devices.flat[0].platform == "cpu" else 1
 
 
 @functools.cache

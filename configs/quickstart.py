@@ -39,7 +39,7 @@ def get_config():
     c.dtype = "float32"
     c.remat = False
     c.dropout = 0.0
-    c.steps_per_dispatch = 8
+    c.steps_per_dispatch = 1  # CPU steps are compute-bound: fusing gains <= 8% (docs/performance.md)
     c.checkpoint_every = 100
     c.log_every = 50
     c.seed = 0
