@@ -1,8 +1,8 @@
 """Quickstart: offline digits (scikit-learn), a small DenseNet-BC, teacher + 3 students, full report.
 
 Command:  python main.py --config configs/quickstart.py --workdir runs/quickstart
-Runtime:  see README (measured with this command on 2 CPU cores).
-Expected: every generation around 2-4% test error on the 360 held-out digits.
+Runtime:  49.5 s on 2 CPU cores (measured with the command above; README, "Quickstart output").
+Expected: each generation 0.5-2.5% test error on the 360 held-out digits; Ens*3 about 0.3%.
 """
 
 import ml_collections
