@@ -4,7 +4,10 @@ Command:  python main.py --config configs/ban_densenet.py:90-60 --workdir runs/b
           (argument: 112-33 (default), 90-60, 80-80 or 80-120; loss variants by override, e.g.
           --config.loss=ban --config.temperature=1 --config.bank_views=16)
 Prepare CIFAR-100 once (needs internet): see README, "Datasets".
-Runtime: 4 generations x 200 epochs; not measured on our CPU-only machine, see docs/performance.md.
+Runtime: not yet measured (no accelerator so far). Estimate for 112-33: 2.17 TFLOP per step at batch 128
+          (`python -m banjax.bench --model densenet-bc-112-33 --batch 128 --compile-only`) x 78,000 steps
+          per generation, plus 42 PFLOP per 162-view bank: about 0.8 EFLOP for the chain, i.e. about 4.5 h
+          on one GPU sustaining 50 TFLOP/s. The larger nets scale with their FLOPs (README table).
 Expected (paper, test error %): 112-33 teacher 18.25, BAN-1 17.61, BAN-2 17.22, BAN-3 16.59,
           Ens*2 15.77, Ens*3 15.68; the other nets in README's table.
 """
