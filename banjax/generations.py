@@ -216,7 +216,11 @@ def run_generation(config, workdir: str, index: int, ds: data.Dataset, arrays, m
     restored = train.restore(mngr, state, mesh)
     if index == 0 and config.teacher_checkpoint and restored is None:
         src = train.checkpoint_manager(config.teacher_checkpoint)
-        restored = train.restore(src, state, mesh)
+        try:
+            restored = train.restore(src, state, mesh)
+        except Exception as e:  # Orbax reports structure/shape mismatches in many ways
+            raise ConfigMismatch(f"teacher_checkpoint {config.teacher_checkpoint!r} does not hold a "
+                                 f"{spec} for {ds.name} ({type(e).__name__}: {e})") from e
         if restored is None:
             raise ValueError(f"teacher_checkpoint {config.teacher_checkpoint!r} has no checkpoint")
         steps = int(restored.step)

@@ -106,6 +106,9 @@ def test_chain_records_links_and_teacher_checkpoint_skips_training(env, tmp_path
     records = [json.loads(x) for x in (tmp_path / "b/gen_0/metrics.jsonl").read_text().splitlines()]
     assert not [r for r in records if "train/loss" in r]  # evaluated, never trained
     assert g0.test_error == gens[0].test_error and g0.test_nll == gens[0].test_nll
+    c3 = tiny_config(model="densenet-bc-16-4", teacher_checkpoint=c2.teacher_checkpoint)
+    with pytest.raises(generations.ConfigMismatch, match="does not hold a densenet-bc-16-4"):
+        generations.run_generation(c3, str(tmp_path / "c"), 0, ds, arrays, mesh, None)
 
 
 def test_students_of_another_family_take_over_teacher_layers(env, tmp_path):
