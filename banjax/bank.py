@@ -73,13 +73,22 @@ def build(graphdef, params, rest, arrays, view_ids_NxK: np.ndarray, views: data.
     flat_views = view_ids_NxK.reshape(-1).astype(np.int32)
     out = None
     t0 = time.perf_counter()
-    for pair_idx, mask in data.eval_batches(n * k, batch):
-        logits = fn(params, rest, arrays, jnp.asarray(pair_idx // k),
-                    jnp.asarray(flat_views[pair_idx]))
+
+    def store(logits, pair_idx, mask):
+        nonlocal out
         logits = np.asarray(logits)[mask].astype(_store_dtype(dtype))
         if out is None:
             out = np.empty((n * k, logits.shape[-1]), logits.dtype)
         out[pair_idx[mask]] = logits
+
+    pending = None
+    for pair_idx, mask in data.eval_batches(n * k, batch):
+        logits = fn(params, rest, arrays, jnp.asarray(pair_idx // k),
+                    jnp.asarray(flat_views[pair_idx]))
+        if pending is not None:
+            store(*pending)  # copy the previous batch out while the device computes this one
+        pending = (logits, pair_idx, mask)
+    store(*pending)
     seconds = time.perf_counter() - t0
     return {"logits": out.reshape(n, k, -1), "view_ids": view_ids_NxK.astype(np.int16),
             "dtype": dtype, "build_seconds": seconds}
