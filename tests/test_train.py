@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -201,3 +202,23 @@ def test_step_config_rejects_unknown_teacher_signal(setup):
     graphdef, _, cfg = make()
     with pytest.raises(ValueError, match="valid"):
         train.train_step_fn(graphdef, dataclasses.replace(cfg, teacher="oracle"), mesh)
+
+
+def test_sigint_mid_training_saves_a_checkpoint_and_says_how_to_resume(setup, tmp_path):
+    ds, mesh, arrays = setup
+
+    class SignalAt:  # a progress hook that delivers SIGINT to this process at step 3
+        def update(self, step, metrics, images):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    graphdef, state, cfg = make(total=50)
+    mngr = train.checkpoint_manager(str(tmp_path / "ckpt"))
+    with pytest.raises(train.Interrupted) as info:
+        train.fit(graphdef, state, cfg, arrays, mesh, total_steps=50, mngr=mngr,
+                  progress=SignalAt(), resume_hint="python main.py --workdir w")
+    assert info.value.signum == signal.SIGINT
+    assert "Resume with: python main.py --workdir w" in str(info.value)
+    saved = mngr.latest_step()
+    assert saved is not None and 3 <= saved < 50
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
