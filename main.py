@@ -57,7 +57,7 @@ def main(argv):
     logging.info("config:\n%s", config)
     try:
         generations.validate(config, mesh)
-        ds = data.load(config.dataset, config.data_dir or None)
+        ds = data.load(config.dataset, os.path.expanduser(config.data_dir) or None)
         generations.validate(config, mesh, ds)
         generations.prepare_workdir(config, workdir)
     except (ValueError, RuntimeError) as e:
