@@ -80,7 +80,7 @@ def main(argv):
     curves = {}
     for g in gens:
         path = os.path.join(workdir, f"gen_{g.index}", "metrics.jsonl")
-        curves[g.index] = logs.read_jsonl(path) if os.path.exists(path) else []
+        curves[g.index] = logs.latest_records(logs.read_jsonl(path)) if os.path.exists(path) else []
     paths = report.write_report(workdir, results, curves)
     print(report.markdown_table(results))
     print("report: " + ", ".join(paths.values()))

@@ -158,3 +158,15 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def latest_records(records: list[dict]) -> list[dict]:
+    """One record per (step, metric names), the last written winning, sorted by step.
+
+    A run resumed from a checkpoint logs again the steps after that checkpoint; its records replace
+    the interrupted run's.
+    """
+    out = {}
+    for r in records:
+        out[(r["step"], tuple(sorted(k for k in r if k != "time")))] = r
+    return sorted(out.values(), key=lambda r: r["step"])

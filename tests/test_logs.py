@@ -110,3 +110,12 @@ def test_progress_bad_arguments():
         logs.Progress(10, initial=11)
     with pytest.raises(ValueError, match="every"):
         logs.Progress(10, every=0)
+
+
+def test_latest_records_keeps_the_rewrite_of_resumed_steps():
+    records = [{"step": 10, "time": 1, "train/loss": 1.0}, {"step": 20, "time": 2, "train/loss": 0.5},
+               {"step": 20, "time": 3, "train/loss": 0.4}, {"step": 20, "time": 3, "test/error": 0.1},
+               {"step": 30, "time": 4, "train/loss": 0.3}]
+    got = logs.latest_records(records)
+    assert [(r["step"], r.get("train/loss"), r.get("test/error")) for r in got] == [
+        (10, 1.0, None), (20, 0.4, None), (20, None, 0.1), (30, 0.3, None)]
