@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from banjax import data
+from banjax import data, train
 
 DTYPES = ("float16", "float32", "bfloat16")
 
@@ -52,8 +52,7 @@ def _logits_fn(graphdef, mesh, dtype: str, views: data.ViewSet):
     def run(params, rest, arrays, idx_B, view_B):
         idx_B = jax.lax.with_sharding_constraint(idx_B, bsh)
         x = data.augment(arrays["train_images"][idx_B], view_B, views)
-        x = data.normalize(x, arrays["mean"], arrays["std"], jnp.dtype(dtype))
-        return nnx.merge(graphdef, params, rest)(x).astype(jnp.float32)
+        return train.forward(graphdef, params, rest, x, arrays, dtype)
 
     return jax.jit(run)
 

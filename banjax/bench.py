@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from banjax import bank, data, models, train
+from banjax import bank, data, generations, models, train
 
-TEACHERS = ("none", "bank", "online")
-DTYPES = ("float32", "bfloat16")
+TEACHERS = train.TEACHERS
+DTYPES = generations.DTYPES
 COMPARISONS = ("teacher", "fusion", "dtype", "remat")
 EXTRA_COMPARISONS = ("bank_cost",)  # on request: bank vs no teacher (the bank's own cost)
 FULL_BANK_NxKxC = (50000, 162, 100)  # CIFAR-100 train set, every view of pad-4 crop + flip

@@ -11,7 +11,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from banjax import data, train
 
@@ -26,10 +25,8 @@ def _probs_fn(graphdef, mesh, dtype: str):
     bsh = data.batch_sharding(mesh)
 
     def run(params_M, rest_M, arrays, idx_B):
-        idx_B = jax.lax.with_sharding_constraint(idx_B, bsh)
-        x = data.normalize(arrays["test_images"][idx_B], arrays["mean"], arrays["std"],
-                           jnp.dtype(dtype))
-        forward = lambda p, r: nnx.merge(graphdef, p, r)(x).astype(jnp.float32)
+        images = arrays["test_images"][jax.lax.with_sharding_constraint(idx_B, bsh)]
+        forward = lambda p, r: train.forward(graphdef, p, r, images, arrays, dtype)
         return jax.nn.softmax(jax.vmap(forward)(params_M, rest_M), axis=-1)  # M x B x C
 
     return jax.jit(run)
@@ -52,10 +49,9 @@ def predict(members: list, arrays, num_test: int, batch: int, mesh, dtype: str =
         params_M = stack([members[i].params for i in positions])
         rest_M = stack([members[i].rest for i in positions])
         fn = _probs_fn(graphdef, mesh, dtype)
-        chunks = []
-        for idx, mask in data.eval_batches(num_test, batch):
-            chunks.append(np.asarray(fn(params_M, rest_M, arrays, jnp.asarray(idx)))[:, mask])
-        probs = np.concatenate(chunks, axis=1)
+        batches = data.eval_batches(num_test, batch)
+        chunks = jax.device_get([fn(params_M, rest_M, arrays, jnp.asarray(idx)) for idx, _ in batches])
+        probs = np.concatenate([c[:, mask] for c, (_, mask) in zip(chunks, batches)], axis=1)
         for j, i in enumerate(positions):
             out[i] = probs[j]
     return np.stack(out)

@@ -203,6 +203,12 @@ def _unroll(mesh, steps: int) -> int:
     return steps if mesh.devices.flat[0].platform == "cpu" else 1
 
 
+def forward(graphdef, params, rest, images_uint8, arrays, dtype: str = "float32"):
+    """Float32 logits of the model on uint8 images, normalised on device in the compute dtype."""
+    x = data.normalize(images_uint8, arrays["mean"], arrays["std"], jnp.dtype(dtype))
+    return nnx.merge(graphdef, params, rest)(x).astype(jnp.float32)
+
+
 @functools.cache
 def eval_step_fn(graphdef, mesh, dtype: str = "float32", with_probs: bool = False):
     """Jitted sums of errors and NLL over a masked batch (inference-mode graphdef), optional probs."""
@@ -211,10 +217,8 @@ def eval_step_fn(graphdef, mesh, dtype: str = "float32", with_probs: bool = Fals
     def run(params, rest, arrays, idx_B, mask_B):
         TRACES[("eval", with_probs)] += 1
         idx_B = jax.lax.with_sharding_constraint(idx_B, bsh)
-        x = data.normalize(arrays["test_images"][idx_B], arrays["mean"], arrays["std"],
-                           jnp.dtype(dtype))
         y_B = arrays["test_labels"][idx_B]
-        logits_BxC = nnx.merge(graphdef, params, rest)(x).astype(jnp.float32)
+        logits_BxC = forward(graphdef, params, rest, arrays["test_images"][idx_B], arrays, dtype)
         logp_BxC = jax.nn.log_softmax(logits_BxC)
         nll_B = -jnp.take_along_axis(logp_BxC, y_B[:, None], axis=1)[:, 0]
         err_B = (jnp.argmax(logits_BxC, -1) != y_B).astype(jnp.float32)
@@ -237,16 +241,14 @@ def evaluate(graphdef, params, rest, arrays, num_test: int, batch: int, mesh, *,
              dtype: str = "float32", with_probs: bool = False) -> dict:
     """Test error and NLL over every test example (padded, masked last batch); probs if asked."""
     fn = eval_step_fn(to_eval(graphdef, params, rest), mesh, dtype, with_probs)
-    errors, nll, probs = 0.0, 0.0, []
-    for idx, mask in data.eval_batches(num_test, batch):
-        out = fn(params, rest, arrays, jnp.asarray(idx), jnp.asarray(mask, jnp.float32))
-        errors += float(out["errors"])
-        nll += float(out["nll"])
-        if with_probs:
-            probs.append(np.asarray(out["probs"])[mask])
-    result = {"error": errors / num_test, "nll": nll / num_test}
+    batches = data.eval_batches(num_test, batch)
+    outs = [fn(params, rest, arrays, jnp.asarray(idx), jnp.asarray(mask, jnp.float32))
+            for idx, mask in batches]  # dispatched back to back; fetched once below
+    outs = jax.device_get(outs)
+    result = {"error": sum(float(o["errors"]) for o in outs) / num_test,
+              "nll": sum(float(o["nll"]) for o in outs) / num_test}
     if with_probs:
-        result["probs"] = np.concatenate(probs)
+        result["probs"] = np.concatenate([o["probs"][m] for o, (_, m) in zip(outs, batches)])
     return result
 
 
