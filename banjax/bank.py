@@ -132,10 +132,15 @@ def exists(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, "bank.json"))
 
 
+def read_meta(directory: str) -> dict:
+    """The bank's metadata (dtype, shape, bytes, checksum) without reading the logits."""
+    with open(os.path.join(directory, "bank.json")) as f:
+        return json.load(f)
+
+
 def load(directory: str, verify: bool = True) -> dict:
     """Read a bank written by `save`; with `verify`, fail if its checksum does not match."""
-    with open(os.path.join(directory, "bank.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(directory)
     logits = np.load(os.path.join(directory, "bank_logits.npy"))
     if meta["dtype"] == "bfloat16":
         logits = logits.view(ml_dtypes.bfloat16)

@@ -196,13 +196,12 @@ def run_generation(config, workdir: str, index: int, ds: data.Dataset, arrays, m
     opt = train.opt_config(config, steps)
     graphdef, state = train.init_state(model, opt, seed)
     mngr = train.checkpoint_manager(os.path.join(gen_dir, "checkpoints"))
-    teacher_bank = None
-    if teacher is not None and config.teacher_signal == "bank":
-        teacher_bank = bank.load(os.path.join(workdir, f"gen_{teacher.index}"))
+    use_bank = teacher is not None and config.teacher_signal == "bank"
+    teacher_dir = None if teacher is None else os.path.join(workdir, f"gen_{teacher.index}")
     meta = {"generation": index, "model": spec, "seed": seed, "config_hash": config_hash(config),
             "teacher": None if teacher is None else {
                 "generation": teacher.index, "checkpoint_step": teacher.step,
-                "bank_checksum": None if teacher_bank is None else teacher_bank["checksum"]}}
+                "bank_checksum": bank.read_meta(teacher_dir)["checksum"] if use_bank else None}}
     meta_path = os.path.join(gen_dir, "meta.json")
     if os.path.exists(meta_path):
         old = _read_json(meta_path)
@@ -212,40 +211,37 @@ def run_generation(config, workdir: str, index: int, ds: data.Dataset, arrays, m
     else:
         _write_json(meta_path, meta)
 
-    done_path = os.path.join(gen_dir, "done.json")
     restored = train.restore(mngr, state, mesh)
-    if index == 0 and config.teacher_checkpoint and restored is None:
-        src = train.checkpoint_manager(config.teacher_checkpoint)
-        try:
-            restored = train.restore(src, state, mesh)
-        except Exception as e:  # Orbax reports structure/shape mismatches in many ways
-            raise ConfigMismatch(f"teacher_checkpoint {config.teacher_checkpoint!r} does not hold a "
-                                 f"{spec} for {ds.name} ({type(e).__name__}: {e})") from e
-        if restored is None:
-            raise ValueError(f"teacher_checkpoint {config.teacher_checkpoint!r} has no checkpoint")
-        steps = int(restored.step)
+    if restored is None and index == 0 and config.teacher_checkpoint:
+        restored = _load_teacher(config, state, mesh, spec, ds)
         train.save(mngr, restored)
-        logging.info("gen 0: teacher loaded from %s (step %d)", config.teacher_checkpoint, steps)
-    elif index == 0 and config.teacher_checkpoint:
-        steps = int(restored.step)
     if restored is not None:
-        state = restored
-        logging.info("gen %d: resuming from step %d", index, int(state.step))
-    state = jax.device_put(state, data.replicated(mesh))
-
-    step_cfg = train.StepConfig(
-        batch=config.batch_size, num_train=len(ds.train_labels), views=ds.views, opt=opt,
-        teacher="none" if teacher is None else config.teacher_signal, mode=config.loss,
-        temperature=config.temperature, label_weight=config.label_weight,
-        kl_weight=config.kl_weight, dtype=config.dtype, steps=config.steps_per_dispatch)
-    t_payload, t_graphdef = None, None
-    if teacher is not None and config.teacher_signal == "bank":
-        t_payload = bank.to_device(teacher_bank, mesh)
-    elif teacher is not None:
-        t_graphdef = train.to_eval(teacher.graphdef, teacher.params, teacher.rest)
-        t_payload = {"params": teacher.params, "rest": teacher.rest}
+        state = jax.device_put(restored, data.replicated(mesh))
+    if index == 0 and config.teacher_checkpoint:
+        steps = int(state.step)  # a loaded teacher is not trained further
+    checkpoint = os.path.join(gen_dir, "checkpoints")
+    done_path = os.path.join(gen_dir, "done.json")
+    if os.path.exists(done_path):  # finished: its scores are on record, nothing to recompute
+        done = _read_json(done_path)
+        logging.info("gen %d: finished earlier (step %d), skipped", index, done["step"])
+        mngr.close()
+        return Generation(index, spec, graphdef, state.params, state.rest, num_params,
+                          done["test_error"], done["test_nll"], checkpoint, int(state.step))
 
     if int(state.step) < steps:
+        if int(state.step):
+            logging.info("gen %d: resuming from step %d", index, int(state.step))
+        step_cfg = train.StepConfig(
+            batch=config.batch_size, num_train=len(ds.train_labels), views=ds.views, opt=opt,
+            teacher="none" if teacher is None else config.teacher_signal, mode=config.loss,
+            temperature=config.temperature, label_weight=config.label_weight,
+            kl_weight=config.kl_weight, dtype=config.dtype, steps=config.steps_per_dispatch)
+        t_payload, t_graphdef = None, None
+        if use_bank:
+            t_payload = bank.to_device(bank.load(teacher_dir), mesh)  # verifies the checksum
+        elif teacher is not None:
+            t_graphdef = train.to_eval(teacher.graphdef, teacher.params, teacher.rest)
+            t_payload = {"params": teacher.params, "rest": teacher.rest}
         writer = logs.MetricWriter(gen_dir)
         progress = logs.Progress(steps, initial=int(state.step), desc=f"gen {index}",
                                  every=config.log_every)
@@ -262,19 +258,31 @@ def run_generation(config, workdir: str, index: int, ds: data.Dataset, arrays, m
     scores = train.evaluate(graphdef, state.params, state.rest, arrays, len(ds.test_labels),
                             config.eval_batch_size, mesh, dtype=config.dtype)
     gen = Generation(index, spec, graphdef, state.params, state.rest, num_params,
-                     scores["error"], scores["nll"], os.path.join(gen_dir, "checkpoints"),
-                     int(state.step))
-    if not os.path.exists(done_path):
-        with logs.MetricWriter(gen_dir) as writer:
-            writer.write(gen.step, {"error": gen.test_error, "nll": gen.test_nll}, prefix="test/")
-        if config.teacher_signal == "bank" and index < config.num_generations and not bank.exists(
-                gen_dir):
-            _build_bank(config, gen, ds, arrays, mesh, gen_dir)
-        _write_json(done_path, {**gen.summary(), "step": gen.step, "seed": seed})
+                     scores["error"], scores["nll"], checkpoint, int(state.step))
+    with logs.MetricWriter(gen_dir) as writer:
+        writer.write(gen.step, {"error": gen.test_error, "nll": gen.test_nll}, prefix="test/")
+    if config.teacher_signal == "bank" and index < config.num_generations and not bank.exists(gen_dir):
+        _build_bank(config, gen, ds, arrays, mesh, gen_dir)
+    _write_json(done_path, {**gen.summary(), "step": gen.step, "seed": seed})
     logging.info("gen %d (%s, %d params): test error %.4f, NLL %.4f", index, spec, num_params,
                  gen.test_error, gen.test_nll)
     mngr.close()
     return gen
+
+
+def _load_teacher(config, state: train.TrainState, mesh, spec: str, ds: data.Dataset):
+    """Generation 0 restored from config.teacher_checkpoint (another run's checkpoints/ dir)."""
+    src = train.checkpoint_manager(config.teacher_checkpoint)
+    try:
+        restored = train.restore(src, state, mesh)
+    except Exception as e:  # Orbax reports structure/shape mismatches in many ways
+        raise ConfigMismatch(f"teacher_checkpoint {config.teacher_checkpoint!r} does not hold a "
+                             f"{spec} for {ds.name} ({type(e).__name__}: {e})") from e
+    if restored is None:
+        raise ValueError(f"teacher_checkpoint {config.teacher_checkpoint!r} has no checkpoint")
+    logging.info("gen 0: teacher loaded from %s (step %d)", config.teacher_checkpoint,
+                 int(restored.step))
+    return restored
 
 
 def _build_bank(config, gen: Generation, ds: data.Dataset, arrays, mesh, gen_dir: str) -> None:
